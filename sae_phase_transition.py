@@ -284,7 +284,8 @@ def run_data(run: Run, base_seed: int, n_eval: int) -> tuple[torch.Tensor, torch
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model and penalties. z = ReLU(W_e^T (x - b_d) + b_e), x_hat = W_d^T z + b_d, decoder rows W_d[j].
+# Model and penalties. z = ReLU(W_e^T (x - b_d) + b_e), x_hat = W_d z + b_d; column j of W_d is latent j's
+# decoder direction.
 # ---------------------------------------------------------------------------------------------------
 
 def penalty(z: torch.Tensor, delta, scale=1.0) -> torch.Tensor:
@@ -305,13 +306,24 @@ def penalty_grad(z: torch.Tensor, delta, scale=1.0) -> torch.Tensor:
     return scale * torch.where(z >= delta, torch.ones(()), z / safe)
 
 
-@dataclass
 class Population:
-    """Parameters of P SAEs of equal width, stacked along a leading population dimension."""
-    w_enc: torch.Tensor  # (P, d, m)
-    b_enc: torch.Tensor  # (P, m)
-    w_dec: torch.Tensor  # (P, m, d), row j is latent j's decoder direction
-    b_dec: torch.Tensor  # (P, d)
+    """Parameters of P SAEs of equal width, stacked along a leading population dimension.
+
+    They live in one flat (P, n_params) buffer, and w_enc, b_enc, w_dec, b_dec are views of it, so the
+    optimiser updates every parameter of every member with a handful of kernels.
+    """
+
+    def __init__(self, flat: torch.Tensor, d: int, m: int):
+        self.flat, P = flat, flat.shape[0]
+        w_enc, self.b_enc, w_dec, self.b_dec = flat.split([d * m, m, d * m, d], dim=1)
+        self.w_enc = w_enc.view(P, d, m)   # (P, d, m)
+        self.w_dec = w_dec.view(P, d, m)   # (P, d, m), column j is latent j's decoder direction
+        # b_enc (P, m), b_dec (P, d)
+
+    @staticmethod
+    def from_parts(w_enc, b_enc, w_dec, b_dec) -> "Population":
+        P, d, m = w_enc.shape
+        return Population(torch.cat([t.reshape(P, -1) for t in (w_enc, b_enc, w_dec, b_dec)], 1), d, m)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.w_enc, self.b_enc, self.w_dec, self.b_dec]
@@ -340,10 +352,9 @@ def init_population(runs: Sequence[Run], cfg: Config, device) -> Population:
     for r in runs:
         w = torch.randn(r.m, r.d, generator=generator(cfg.seed, "init", r.d, r.m, r.seed))
         rows.append(norm * w / w.norm(dim=1, keepdim=True))
-    w_dec = torch.stack(rows).to(device)
-    P, m, d = w_dec.shape
-    return Population(w_dec.transpose(1, 2).contiguous(), torch.zeros(P, m, device=device), w_dec,
-                      torch.zeros(P, d, device=device))
+    w_dec = torch.stack(rows).transpose(1, 2).to(device)
+    P, d, m = w_dec.shape
+    return Population.from_parts(w_dec, torch.zeros(P, m, device=device), w_dec, torch.zeros(P, d, device=device))
 
 
 def encode(pop: Population, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,13 +364,19 @@ def encode(pop: Population, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def decode(pop: Population, z: torch.Tensor) -> torch.Tensor:
-    return torch.baddbmm(pop.b_dec.unsqueeze(1), z, pop.w_dec)
+    return torch.baddbmm(pop.b_dec.unsqueeze(1), z, pop.w_dec.transpose(1, 2))
+
+
+def column_norms(w: torch.Tensor) -> torch.Tensor:
+    """Norms of the columns of (P, d, m) matrices, (P, m). Spelled out: torch's norm over a middle
+    dimension took 20x longer here."""
+    return (w * w).sum(1).sqrt()
 
 
 def latent_weights(pop: Population, weighted: bool) -> torch.Tensor:
-    """Per-latent penalty weight (P, 1, m): decoder-row norms, or ones when rows are kept at unit norm."""
+    """Per-latent penalty weight (P, 1, m): decoder-column norms, or ones when columns are kept at unit norm."""
     if weighted:
-        return pop.w_dec.norm(dim=2).unsqueeze(1)
+        return column_norms(pop.w_dec).unsqueeze(1)
     return torch.ones_like(pop.b_enc).unsqueeze(1)
 
 
@@ -378,27 +395,29 @@ def gradients(pop: Population, x: torch.Tensor, pen: PenaltySpec, weighted: bool
     """Gradient of sum(objective(...)) w.r.t. (w_enc, b_enc, w_dec, b_dec), written out by hand.
 
     Autograd would record ~20 small kernels per step and keep their buffers; the explicit backward pass
-    is shorter and measurably faster for these tiny matrices (tests check it against autograd).
+    is shorter and measurably faster for these tiny matrices (tests check it against autograd). It works
+    on transposed activations, (P, m, B) and (P, d, B): batched matmuls whose output ends in the small
+    dimension d = 10 run about 4x slower on CPU than the same products laid out to end in B or m.
     """
     B = x.shape[1]
-    xc = x - pop.b_dec.unsqueeze(1)
-    pre = torch.baddbmm(pop.b_enc.unsqueeze(1), xc, pop.w_enc)
-    z = torch.relu(pre)
-    g_out = (torch.baddbmm(pop.b_dec.unsqueeze(1), z, pop.w_dec) - x).mul_(2.0 / B)  # d loss / d x_hat
-    weight = latent_weights(pop, weighted)                                            # (P, 1, m)
-    g_z = torch.bmm(g_out, pop.w_dec.transpose(1, 2))
-    if pen.all_l1:
-        g_z += (pen.lam / B) * weight  # L1: the penalty gradient is constant where z > 0
+    neg_xc = pop.b_dec.unsqueeze(2) - x.transpose(1, 2)                              # -(x - b_d), (P, d, B)
+    pre_t = torch.baddbmm(pop.b_enc.unsqueeze(2), pop.w_enc.transpose(1, 2), neg_xc, alpha=-1)  # (P, m, B)
+    z_t = pre_t.relu_()
+    g_out = torch.baddbmm(neg_xc, pop.w_dec, z_t, beta=2.0 / B, alpha=2.0 / B)     # d loss / d x_hat
+    weight = latent_weights(pop, weighted).transpose(1, 2)                             # (P, m, 1)
+    if pen.all_l1:  # L1: the penalty gradient is the constant lam * weight wherever z > 0
+        g_z = torch.baddbmm((pen.lam / B) * weight, pop.w_dec.transpose(1, 2), g_out)
     else:
-        g_z += (pen.lam / B) * weight * penalty_grad(z, pen.delta, pen.scale)
-    g_pre = g_z.mul_(pre > 0)
-    g_b_enc = g_pre.sum(1)
-    g_w_enc = torch.bmm(xc.transpose(1, 2), g_pre)
-    g_w_dec = torch.bmm(z.transpose(1, 2), g_out)
-    if weighted:  # d/dW_d of lam * mean_b sum_j pen(z_bj) ||W_d[j]||
-        mean_pen = (z.mean(1) if pen.all_l1 else penalty(z, pen.delta, pen.scale).mean(1))
-        g_w_dec += (pen.lam.view(-1, 1) * mean_pen / weight.squeeze(1)).unsqueeze(2) * pop.w_dec
-    g_b_dec = g_out.sum(1) - torch.bmm(g_b_enc.unsqueeze(1), pop.w_enc.transpose(1, 2)).squeeze(1)
+        g_z = torch.baddbmm((pen.lam / B) * weight * penalty_grad(z_t, pen.delta, pen.scale),
+                            pop.w_dec.transpose(1, 2), g_out)
+    g_pre = torch.ops.aten.threshold_backward.grad_input(g_z, z_t, 0, grad_input=g_z)  # ReLU backward, in place
+    g_b_enc = g_pre.sum(2)
+    g_w_enc = torch.bmm(neg_xc, g_pre.transpose(1, 2)).neg_()
+    g_w_dec = torch.bmm(g_out, z_t.transpose(1, 2))
+    if weighted:  # d/dW_d of lam * mean_b sum_j pen(z_bj) ||W_d[:, j]||
+        mean_pen = z_t.mean(2) if pen.all_l1 else penalty(z_t, pen.delta, pen.scale).mean(2)
+        g_w_dec += (pen.lam.view(-1, 1) * mean_pen / weight.squeeze(2)).unsqueeze(1) * pop.w_dec
+    g_b_dec = g_out.sum(2) - torch.bmm(pop.w_enc, g_b_enc.unsqueeze(2)).squeeze(2)
     return [g_w_enc, g_b_enc, g_w_dec, g_b_dec]
 
 
@@ -407,7 +426,27 @@ def gradients(pop: Population, x: torch.Tensor, pen: PenaltySpec, weighted: bool
 # ---------------------------------------------------------------------------------------------------
 
 STREAM_STEPS = 256   # minibatch indices are drawn per member in blocks of this many steps
+NOISE_STEPS = 32     # Langevin noise likewise (smaller: a block holds n_params floats per step)
 CHECK_EVERY = 50     # steps between checks for non-finite parameters (one host sync each)
+
+
+class Adam:
+    """Adam on a (P, n) parameter buffer, with exactly torch.optim.Adam's arithmetic (tests compare them).
+
+    One set of kernels serves the whole population; torch.optim is avoided because its constructor
+    imports torch._dynamo, which costs 1.3 s per process here.
+    """
+
+    def __init__(self, params: torch.Tensor, lr: float, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(params), torch.zeros_like(params)
+
+    def step(self, grad: torch.Tensor) -> None:
+        (b1, b2), self.t = self.betas, self.t + 1
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+        self.params.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
 def checkpoint_steps(steps: int, count: int) -> list[int]:
@@ -469,11 +508,11 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
     k_true = torch.tensor([r.k for r in runs], device=device)
     pen = PenaltySpec.of(runs, device)
     pop = init_population(runs, cfg, device)
-    params = pop.tensors()
-    opt = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else None
+    opt = Adam(pop.flat, lr=cfg.lr) if cfg.optimizer == "adam" else None
     batch_gens = [generator(cfg.seed, "batches", r.key) for r in runs]
     noise_gens = [generator(cfg.seed, "langevin", r.key) for r in runs] if cfg.temperature > 0 else None
-    rows = torch.arange(P, device=device).unsqueeze(1)
+    offsets = torch.arange(P, device=device).unsqueeze(1) * n_max  # member i's samples start at row i * n_max
+    flat_train = x_train.view(P * n_max, d)
     failed_at = [None] * P
     trajectory: list[tuple[int, dict]] = []
     wanted, reported = set(checkpoints), 0
@@ -481,24 +520,24 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
     for start in range(0, cfg.steps, STREAM_STEPS):
         span = min(STREAM_STEPS, cfg.steps - start)
         batches = torch.stack([torch.randint(r.n, (span, B), generator=g) for r, g in zip(runs, batch_gens)], 1)
-        batches = batches.to(device)
-        noise = _langevin_noise(params, noise_gens, span, device) if noise_gens else None
+        batches = (batches.to(device) + offsets).view(span, P * B)
         for t in range(span):
             step = start + t + 1
-            grads = gradients(pop, x_train[rows, batches[t]], pen, weighted)
-            with torch.no_grad():
-                if opt is not None:
-                    for p_, g_ in zip(params, grads):
-                        p_.grad = g_
-                    opt.step()
-                else:
-                    torch._foreach_add_(params, grads, alpha=-cfg.lr)
-                if noise is not None:
-                    torch._foreach_add_(params, [n[:, t] for n in noise], alpha=math.sqrt(2 * cfg.lr * cfg.temperature))
-                if not weighted:
-                    pop.w_dec /= pop.w_dec.norm(dim=2, keepdim=True)
+            grad = torch.cat([g.flatten(1) for g in
+                              gradients(pop, flat_train.index_select(0, batches[t]).view(P, B, d), pen, weighted)], 1)
+            if opt is not None:
+                opt.step(grad)
+            else:
+                pop.flat.add_(grad, alpha=-cfg.lr)
+            if noise_gens is not None:
+                if (step - 1) % NOISE_STEPS == 0:
+                    noise = _langevin_noise(noise_gens, min(NOISE_STEPS, cfg.steps - step + 1), pop.flat.shape[1],
+                                            device)
+                pop.flat.add_(noise[:, (step - 1) % NOISE_STEPS], alpha=math.sqrt(2 * cfg.lr * cfg.temperature))
+            if not weighted:
+                pop.w_dec /= column_norms(pop.w_dec).unsqueeze(1)
             if step % CHECK_EVERY == 0 or step == cfg.steps:
-                _mark_failures(params, failed_at, step)
+                _mark_failures(pop.flat, failed_at, step)
             if step in wanted:
                 trajectory.append((step, _scores(pop, x_eval, truth, k_true, pen, weighted, cfg, full=False)))
             if progress is not None and (step % CHECK_EVERY == 0 or step == cfg.steps):
@@ -511,22 +550,20 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
         res["z_hist"] = final["z_hist"][i]
         res["trajectory"] = [(s, {name: float(v[i]) for name, v in sc.items()}) for s, sc in trajectory]
         res["failed_step"] = failed_at[i]
-        res["params"] = [t[i].detach().cpu() for t in params]  # final (w_enc, b_enc, w_dec, b_dec)
+        res["params"] = [t[i].cpu() for t in pop.tensors()]  # final (w_enc, b_enc, w_dec, b_dec)
         if failed_at[i] is None and not all(math.isfinite(v) for v in res.values() if isinstance(v, float)):
             res["failed_step"] = cfg.steps  # metrics overflowed although parameters stayed finite
         results.append(res)
     return results
 
 
-def _langevin_noise(params, gens, span, device) -> list[torch.Tensor]:
-    """Standard normal noise for `span` steps, drawn per member so a run's noise is its own: (P, span, ...)."""
-    return [torch.stack([torch.randn((span,) + tuple(p.shape[1:]), generator=g) for g in gens]).to(device)
-            for p in params]
+def _langevin_noise(gens, span: int, n_params: int, device) -> torch.Tensor:
+    """Standard normal noise (P, span, n_params), drawn per member so that a run's noise is its own."""
+    return torch.stack([torch.randn(span, n_params, generator=g) for g in gens]).to(device)
 
 
-def _mark_failures(params, failed_at: list, step: int) -> None:
-    finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in params]).all(0).tolist()
-    for i, ok in enumerate(finite):
+def _mark_failures(flat: torch.Tensor, failed_at: list, step: int) -> None:
+    for i, ok in enumerate(torch.isfinite(flat).all(1).tolist()):
         if not ok and failed_at[i] is None:
             failed_at[i] = step
 
@@ -574,7 +611,7 @@ def _scores(pop: Population, x_eval, truth, k_true, pen: PenaltySpec, weighted: 
     with torch.no_grad():
         _, z = encode(pop, x_eval)
         x_hat = decode(pop, z)
-        cos = cosine_matrix(pop.w_dec, truth)
+        cos = cosine_matrix(pop.w_dec.transpose(1, 2), truth)
         out = {"recovery": recovery_rate(cos, k_true, cfg.threshold).cpu(),
                "objective": objective(pop, x_eval, pen, weighted).cpu()}
         if not full:

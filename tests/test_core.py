@@ -79,16 +79,37 @@ def test_hand_gradients_match_autograd():
             run(penalty="huber", delta=0.01, convention="torch", lam=0.7, seed=2)]
     for weighted in (True, False):
         for subset in (runs[:1], runs):
-            cfg = S.PhaseConfig()
-            pop = S.init_population(subset, cfg, "cpu")
             g = torch.Generator().manual_seed(0)
-            for t in pop.tensors():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5).requires_grad_(True)
+            shapes = [t.shape for t in S.init_population(subset, S.PhaseConfig(), "cpu").tensors()]
+            leaves = [(torch.randn(s, generator=g) * 0.5).requires_grad_(True) for s in shapes]
+            pop = S.Population.from_parts(*leaves)
             pen = S.PenaltySpec.of(subset, "cpu")
             x = torch.randn(len(subset), 64, 10, generator=g)
             S.objective(pop, x, pen, weighted).sum().backward()
-            for auto, hand in zip(pop.tensors(), S.gradients(pop, x, pen, weighted)):
-                assert torch.allclose(auto.grad, hand, rtol=1e-4, atol=1e-6)
+            hand = S.gradients(S.Population.from_parts(*(t.detach() for t in leaves)), x, pen, weighted)
+            for leaf, h in zip(leaves, hand):
+                assert torch.allclose(leaf.grad, h, rtol=1e-4, atol=1e-6)
+
+
+def test_population_views_share_one_flat_buffer():
+    pop = S.init_population([run(), run(seed=1, m=40)], S.PhaseConfig(), "cpu")
+    pop.flat.zero_()
+    assert all((t == 0).all() for t in pop.tensors())
+    pop.w_dec[1, 2, 3] = 7.0
+    assert (pop.flat == 7.0).sum() == 1 and pop.flat[1].tolist().count(7.0) == 1
+
+
+def test_adam_matches_torch_optim_adam():
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 50, generator=g)
+    ours, ref = start.clone(), start.clone().requires_grad_(True)
+    opt_ours, opt_ref = S.Adam(ours, lr=3e-3), torch.optim.Adam([ref], lr=3e-3, foreach=False)
+    for _ in range(25):
+        grad = torch.randn(3, 50, generator=g)
+        opt_ours.step(grad)
+        ref.grad = grad.clone()
+        opt_ref.step()
+    assert torch.allclose(ours, ref.detach(), atol=1e-7, rtol=0)
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -195,11 +216,10 @@ def test_gd_step_equals_hand_computed_gradient_step():
     trained = S.train_population([r], cfg)[0]["params"]
     _, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
     idx = torch.randint(r.n, (S.STREAM_STEPS, cfg.batch_size), generator=S.generator(cfg.seed, "batches", r.key))[0]
-    pop = S.init_population([r], cfg, "cpu")
-    for t in pop.tensors():
-        t.requires_grad_(True)
-    S.objective(pop, x[idx][None], S.PenaltySpec.of([r], "cpu"), weighted=True).sum().backward()
-    for t, after in zip(pop.tensors(), trained):
+    leaves = [t.clone().requires_grad_(True) for t in S.init_population([r], cfg, "cpu").tensors()]
+    S.objective(S.Population.from_parts(*leaves), x[idx][None], S.PenaltySpec.of([r], "cpu"),
+                weighted=True).sum().backward()
+    for t, after in zip(leaves, trained):
         assert torch.allclose(after, (t - cfg.lr * t.grad)[0].detach(), atol=1e-6)
 
 

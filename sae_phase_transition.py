@@ -839,6 +839,11 @@ def analyse_huber(tables: dict, cfg: HuberConfig) -> dict:
         fam = [s for s in stats if s["metric"] == metric]
         for s, adj in zip(fam, holm([s["p"] for s in fam])):
             s["p_holm"] = adj
+    # With n seeds a side, the smallest two-sided Mann-Whitney p is 2 / C(2n, n); Holm multiplies it by the
+    # family size. If that cannot reach alpha, "no significant difference" means nothing.
+    n_min = min((min(s["n_l1"], s["n_huber"]) for s in stats), default=0)
+    family = len([s for s in stats if s["metric"] == "recovery"])
+    underpowered = n_min == 0 or 2 / math.comb(2 * n_min, n_min) * family >= cfg.alpha
     verdicts, parts = {}, []
     for conv in sorted({s["convention"] for s in stats}):
         d_min = min(s["delta"] for s in stats if s["convention"] == conv)
@@ -849,7 +854,7 @@ def analyse_huber(tables: dict, cfg: HuberConfig) -> dict:
         worse_l0 = l0["diff"] > 0 and l0["p_holm"] < cfg.alpha
         better = (rec["diff"] > 0 and rec["p_holm"] < cfg.alpha) or (l0["diff"] < 0 and l0["p_holm"] < cfg.alpha)
         v = ("supported" if worse_rec and worse_l0 else
-             "not supported" if not (worse_rec or worse_l0) else "inconclusive")
+             "inconclusive" if underpowered or worse_rec != worse_l0 else "not supported")
         verdicts[conv] = v
         parts.append(f"{conv}: at delta={d_min:g} recovery {rec['huber_mean']:.3f} vs L1 {rec['l1_mean']:.3f} "
                      f"(Holm p = {rec['p_holm']:.2g}), L0 {l0['huber_mean']:.2f} vs {l0['l1_mean']:.2f} "
@@ -862,7 +867,8 @@ def analyse_huber(tables: dict, cfg: HuberConfig) -> dict:
     return dict(hypothesis="H2", verdict=verdict, verdicts=verdicts, stats=stats,
                 claim="Huber smoothing, even at delta = 1e-3, gives significantly worse recovery and sparsity "
                       "than exact L1",
-                measured="; ".join(parts) + _fmt_failures(df) + f"; N={cfg.n}, p={cfg.p:g}, {cfg.seeds} seeds",
+                measured="; ".join(parts) + _fmt_failures(df) + f"; N={cfg.n}, p={cfg.p:g}, {cfg.seeds} seeds"
+                         + (" (too few seeds for a Holm-corrected test to reach significance)" if underpowered else ""),
                 test=f"two-sided Mann-Whitney U per delta and metric vs L1, Holm-corrected, alpha = {cfg.alpha:g}")
 
 
@@ -875,18 +881,22 @@ def analyse_width(tables: dict, cfg: WidthConfig) -> dict:
     spread = (ok.groupby(["k", "data_seed", "m"]).agg(sd_objective=("objective", "std"),
                                                        sd_recovery=("recovery", "std"))
               .groupby(["k", "m"]).mean().reset_index())
-    parts, sat, degraded = [], {}, {}
+    parts, sat, degraded, per_k = [], {}, {}, {}
     for k, c in curves.groupby("k"):
         c = c.sort_values("m")
-        best = c.recovery.max()
-        first = c[c.recovery >= best - 0.02].m.iloc[0]
-        sat[int(k)] = first
+        first = c[c.recovery >= c.recovery.max() - 0.02].m.iloc[0]
+        # the widest width cannot show a plateau by itself: saturation needs a narrower width within 0.02
+        saturated = first < c.m.max()
+        sat[int(k)] = int(first) if saturated else None
         widest, at_sat = ok[(ok.k == k) & (ok.m == c.m.max())], ok[(ok.k == k) & (ok.m == first)]
         deg = compare(at_sat.recovery, widest.recovery)
         degraded[int(k)] = deg["diff"] < -0.05 and deg["p"] < 0.05
+        per_k[int(k)] = saturated and first / cfg.d <= 4 and not degraded[int(k)]
+        where = (f"saturates (within 0.02 of the best mean) at m = {first / cfg.d:g}d = {first / k:g}K; widest vs "
+                 f"saturation width: {deg['diff']:+.3f} (Mann-Whitney p = {deg['p']:.2g})" if saturated else
+                 f"no saturation within the grid (still rising at m = {first / cfg.d:g}d)")
         parts.append(f"K={k}: recovery " + ", ".join(f"{r.recovery:.2f}@{r.m / cfg.d:g}d" for r in c.itertuples())
-                     + f"; saturates (within 0.02 of the best) at m = {first / cfg.d:g}d = {first / k:g}K; "
-                     f"widest vs saturation: {deg['diff']:+.3f} (Mann-Whitney p = {deg['p']:.2g})")
+                     + f"; {where}")
     collapse = {}
     if len(sat) >= 2:
         for ratio in ("d", "k"):
@@ -903,17 +913,17 @@ def analyse_width(tables: dict, cfg: WidthConfig) -> dict:
                      f"[95% CI {f['lo']:.2f}, {f['hi']:.2f}] (mean-field: -0.5)")
     conv = _convergence(tables.get("trajectory"), ok)
     parts.append(conv["text"])
-    k0 = min(sat) if sat else None
-    near_4d = k0 is not None and sat[k0] / cfg.d <= 4
-    verdict = ("inconclusive" if k0 is None else
-               "supported" if near_4d and not any(degraded.values()) else "not supported")
+    verdict = ("inconclusive" if len(cfg.widths) < 2 or not per_k else
+               "supported" if all(per_k.values()) else "not supported" if not any(per_k.values()) else
+               "supported for " + ", ".join(f"K={k}" for k, v in per_k.items() if v) + " only")
     return dict(hypothesis="H3", verdict=verdict, curves=curves, spread=spread, fits=fits, saturation=sat,
                 degraded=degraded, collapse=collapse, convergence=conv,
                 claim="recovery saturates near m = 4d and does not degrade for wider networks (mean-field limit)",
                 measured="; ".join(parts) + _fmt_failures(df) +
                          f"; N={cfg.n}, p={cfg.p:g}, {cfg.data_seeds} datasets x {cfg.seeds} init seeds",
-                test="saturation = first width within 0.02 of the best mean; degradation = Mann-Whitney U widest "
-                     "vs saturation width (worse by > 0.05 with p < 0.05); log-log OLS slope with 95% CI")
+                test="per K: supported if the first width within 0.02 of the best mean is narrower than the widest "
+                     "and <= 4d, and the widest is not worse than it (Mann-Whitney U: by > 0.05 with p < 0.05); "
+                     "fluctuations: log-log OLS slope with 95% CI")
 
 
 def _curve_gap(xs: dict, ys: dict) -> float:
@@ -941,8 +951,8 @@ def _convergence(traj, ok) -> dict:
     drec = piv[("recovery", last)] - piv[("recovery", half)]
     table = pd_frame(dict(rel_objective_drop=rel, recovery_gain=drec))
     widest = table.reset_index().sort_values("m").groupby("k").tail(1)
-    text = "convergence at the widest m (change from step {} to {}): ".format(int(half), int(last)) + ", ".join(
-        f"K={int(r.k)}: objective -{100 * r.rel_objective_drop:.1f}%, recovery {r.recovery_gain:+.3f}"
+    text = f"convergence at the widest m, change from step {int(half)} to {int(last)}: " + ", ".join(
+        f"K={int(r.k)}: held-out objective {-100 * r.rel_objective_drop:+.1f}%, recovery {r.recovery_gain:+.3f}"
         for r in widest.itertuples())
     return dict(text=text, table=table, half=int(half), last=int(last))
 
@@ -994,7 +1004,7 @@ def plot_phase(tables: dict, cfg: PhaseConfig, res: dict):
     for (name, p_star), style in zip(res["p_star"].items(), ("--", ":")):
         y = np.interp(p_star, ps, np.arange(len(ps)), left=-0.5, right=len(ps) - 0.5)
         label = f"CS l1 threshold p* = {p_star:.3f} ({'signed' if name == 'signed' else 'non-negative'})"
-        handles.append(ax.axhline(y, color="white", ls=style, lw=2, label=label))
+        handles.append(ax.axhline(y, color="black", ls=style, lw=2, label=label))
     if np.isnan(mean).any():
         handles.append(Patch(facecolor="0.75", hatch="//", edgecolor="0.3", label="all runs failed"))
     ax.set_xticks(range(len(ns)), [str(n) for n in ns])
@@ -1005,7 +1015,7 @@ def plot_phase(tables: dict, cfg: PhaseConfig, res: dict):
                  f"{cfg.steps} steps)\nmean ± sd over {cfg.seeds} seeds; recovered = |cos| > {cfg.threshold:g}",
                  fontsize=10)
     fig.colorbar(im, ax=ax, label="recovery rate (fraction of K features)")
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -1116,6 +1126,8 @@ def plot_width(tables: dict, cfg: WidthConfig, res: dict):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("hidden width m")
+    ax.plot([], [], "ko", label="o: sd of the held-out objective")
+    ax.plot([], [], "k^", label="^: sd of recovery (zero-spread points omitted)")
     ax.set_ylabel("seed-to-seed sd (init seeds, data fixed)")
     ax.set_title("Fluctuations vs width (fit: OLS on log-log, 95% CI)", fontsize=10)
     ax.legend(fontsize=7)
@@ -1150,6 +1162,9 @@ PLOTS = {"phase": plot_phase, "huber": plot_huber, "width": plot_width}
 # Saving and loading: every file is written to a temporary name and renamed into place, all of a sweep's
 # files together, so an interrupted or failed run never leaves a half-written or mismatched set.
 # ---------------------------------------------------------------------------------------------------
+
+CSV_FLOAT = "%.8g"  # float32 metrics need 8 significant digits
+
 
 def script_hash() -> str:
     return hashlib.sha256(SCRIPT_PATH.read_bytes()).hexdigest()
@@ -1248,12 +1263,19 @@ def sweep_files(name: str, cfg: Config, tables: dict, res: dict, meta: dict | No
     files = {out / f"{FIGURES[name]}.png": figure_bytes(PLOTS[name](tables, cfg, res))}
     if meta is not None:
         for key, path in table_paths(name, out).items():
-            files[path] = tables[key].to_csv(index=False, float_format="%.8g").encode()
+            files[path] = tables[key].to_csv(index=False, float_format=CSV_FLOAT).encode()
         record = dict(meta, verdict={k: res[k] for k in ("hypothesis", "verdict", "claim", "measured", "test")},
                       results={k: v for k, v in res.items() if k in ("stats", "fits", "saturation", "collapse",
                                                                       "degraded", "p_star", "p_half", "verdicts")})
         files[out / f"{FIGURES[name]}.json"] = json.dumps(_jsonable(record), indent=1).encode()
     return files
+
+
+def csv_roundtrip(tables: dict) -> dict:
+    """The tables as they will read back from their CSV files, so that the verdicts printed now and those
+    re-plotted later come from the very same numbers."""
+    import pandas as pd
+    return {k: pd.read_csv(io.StringIO(t.to_csv(index=False, float_format=CSV_FLOAT))) for k, t in tables.items()}
 
 
 def load_sweep(name: str, out: Path) -> tuple[Config, dict, dict]:
@@ -1406,7 +1428,7 @@ def run_study(cfgs: dict, argv, summary: bool) -> int:
         for name, cfg in cfgs.items():
             bar.set_description(f"{name}")
             started = time.time()
-            tables = run_sweep(name, cfg, progress=bar)
+            tables = csv_roundtrip(run_sweep(name, cfg, progress=bar))
             wall = time.time() - started
             if (tables["runs"].status != "ok").all():
                 bar.close()

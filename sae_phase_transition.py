@@ -18,7 +18,7 @@ runs a tiny version of any sweep in seconds. The README lists measured runtimes.
 
 The training recipe (defaults, and why)
 ---------------------------------------
-- Loss per sample: ||x - x_hat||^2 + lam * sum_j penalty(z_j) * ||W_d[j]||   (lam = 0.5).
+- Loss per sample: ||x - x_hat||^2 + lam * sum_j penalty(z_j) * ||W_d[:, j]||   (lam = 0.5).
   The sparsity penalty is weighted by each latent's decoder norm, as in SAELens's standard L1 SAE and
   Anthropic's April 2024 update. Without it L1 can be defeated by shrinking z and growing W_d; the
   classical alternative re-projects decoder rows to unit norm after every step
@@ -40,7 +40,7 @@ The training recipe (defaults, and why)
 
 Metrics (per trained SAE, on a held-out sample of --n-eval points from the same distribution)
 -----------------------------------------------------------------------------------------
-recovery = (1/K) sum_k 1[max_j |cos(W_d[j], w*_k)| > threshold]  (threshold 0.9), MMCS (mean over k of
+recovery = (1/K) sum_k 1[max_j |cos(W_d[:, j], w*_k)| > threshold]  (threshold 0.9), MMCS (mean over k of
 max_j |cos|), MCC (one-to-one Hungarian matching on |cos|, summed over matches and divided by K), L0
 (mean active latents per sample), fraction of activations exactly zero / in (0, eps) / in (0, delta),
 dead latents (never active on the held-out set), FVU (fraction of variance unexplained), and the
@@ -48,8 +48,9 @@ training objective on the held-out set.
 
 Reproducibility: every run draws its dictionary, data, initialisation and minibatches from generators
 seeded by a hash of (--seed, the run's own key), so a run gives the same numbers alone or inside any
-population; tests check this. Runs of the same seed index share their dictionary and data across
-penalties (paired comparisons) and their initialisation across cells of equal width.
+population; tests check this. Runs of the same seed index that differ only in the penalty share their
+dictionary, data, initialisation and minibatch order, so a comparison of penalties is paired by design;
+runs that differ only in width share their data and minibatches.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -273,6 +274,12 @@ class Run:
         pen = "l1" if self.penalty == "l1" else f"huber-{self.convention}-{self.delta:g}"
         return (f"N={self.n},p={self.p:g},m={self.m},K={self.k},d={self.d},lam={self.lam:g},{pen},"
                 f"data={self.data_seed},seed={self.seed}")
+
+
+def batch_generator(run: Run, base_seed: int) -> torch.Generator:
+    """The stream of the run's minibatch indices. It depends on the data and the seed but not on the penalty
+    or width, so runs that differ only in those see the same minibatches (common random numbers)."""
+    return generator(base_seed, "batches", run.d, run.k, run.p, run.n, run.data_seed, run.seed)
 
 
 def run_data(run: Run, base_seed: int, n_eval: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -509,7 +516,7 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
     pen = PenaltySpec.of(runs, device)
     pop = init_population(runs, cfg, device)
     opt = Adam(pop.flat, lr=cfg.lr) if cfg.optimizer == "adam" else None
-    batch_gens = [generator(cfg.seed, "batches", r.key) for r in runs]
+    batch_gens = [batch_generator(r, cfg.seed) for r in runs]
     noise_gens = [generator(cfg.seed, "langevin", r.key) for r in runs] if cfg.temperature > 0 else None
     offsets = torch.arange(P, device=device).unsqueeze(1) * n_max  # member i's samples start at row i * n_max
     flat_train = x_train.view(P * n_max, d)
@@ -545,7 +552,7 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
                 reported = step
     final = _scores(pop, x_eval, truth, k_true, pen, weighted, cfg, full=True)
     results = []
-    for i, r in enumerate(runs):
+    for i in range(P):
         res = {name: float(v[i]) for name, v in final.items() if name != "z_hist"}
         res["z_hist"] = final["z_hist"][i]
         res["trajectory"] = [(s, {name: float(v[i]) for name, v in sc.items()}) for s, sc in trajectory]
@@ -845,11 +852,10 @@ def analyse_huber(tables: dict, cfg: HuberConfig) -> dict:
     family = len([s for s in stats if s["metric"] == "recovery"])
     underpowered = n_min == 0 or 2 / math.comb(2 * n_min, n_min) * family >= cfg.alpha
     verdicts, parts = {}, []
+    by_key = {(s["convention"], s["delta"], s["metric"]): s for s in stats}
     for conv in sorted({s["convention"] for s in stats}):
         d_min = min(s["delta"] for s in stats if s["convention"] == conv)
-        get = lambda metric: next(s for s in stats if s["convention"] == conv and s["delta"] == d_min
-                                  and s["metric"] == metric)
-        rec, l0 = get("recovery"), get("l0")
+        rec, l0 = by_key[conv, d_min, "recovery"], by_key[conv, d_min, "l0"]
         worse_rec = rec["diff"] < 0 and rec["p_holm"] < cfg.alpha
         worse_l0 = l0["diff"] > 0 and l0["p_holm"] < cfg.alpha
         better = (rec["diff"] > 0 and rec["p_holm"] < cfg.alpha) or (l0["diff"] < 0 and l0["p_holm"] < cfg.alpha)
@@ -1054,7 +1060,6 @@ def plot_huber(tables: dict, cfg: HuberConfig, res: dict):
                      fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
-    stats_all = df.groupby(["penalty", "convention", "delta"])
     l1 = df[df.penalty == "l1"]
     for ax, metric, label in ((axes[1][0], "recovery", f"recovery rate (|cos| > {cfg.threshold:g})"),
                               (axes[1][1], "l0", "L0: mean active latents per sample")):
@@ -1063,7 +1068,7 @@ def plot_huber(tables: dict, cfg: HuberConfig, res: dict):
         ax.axhline(mu, color="black", lw=2, label=f"L1: {mu:.3f} ± {sd:.3f} (band: ± sd)")
         for conv, marker in zip(conventions, ("o", "s")):
             g = df[(df.penalty == "huber") & (df.convention == conv)].groupby("delta")[metric]
-            m, s, n = g.mean(), g.std(), g.count()
+            m, s = g.mean(), g.std()
             ax.errorbar(m.index, m.values, yerr=s.values, marker=marker, capsize=3,
                         label=f"Huber, {conv} convention (mean ± sd)")
             for st in res["stats"]:
@@ -1076,8 +1081,6 @@ def plot_huber(tables: dict, cfg: HuberConfig, res: dict):
                      fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(conventions) + 2:] if len(conventions) > 2 else []:
-        ax.axis("off")
     if len(conventions) == 1:
         axes[0][1].axis("off")
     fig.suptitle(f"Exact L1 vs Huber smoothing (N={cfg.n}, p={cfg.p:g}, d={cfg.d}, K={cfg.k}, m={cfg.width}, "
@@ -1348,7 +1351,8 @@ def _grid(kind):
         try:
             values = tuple(kind(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a comma-separated list of {kind.__name__}")
+            raise argparse.ArgumentTypeError(
+                f"cannot parse {text!r} as a comma-separated list of {kind.__name__}") from None
         if not values:
             raise argparse.ArgumentTypeError("the grid is empty")
         return values

@@ -44,7 +44,7 @@ def workload(quick: bool) -> tuple[S.PhaseConfig, list[S.Run]]:
 
 def batches_of(run: S.Run, cfg: S.Config):
     """The minibatch indices the batched trainer draws for this run, step by step."""
-    gen = S.generator(cfg.seed, "batches", run.key)
+    gen = S.batch_generator(run, cfg.seed)
     for start in range(0, cfg.steps, S.STREAM_STEPS):
         yield from torch.randint(run.n, (min(S.STREAM_STEPS, cfg.steps - start), cfg.batch_size), generator=gen)
 
@@ -157,7 +157,7 @@ def main() -> None:
     t = time.perf_counter()
     lens_rec = saelens_runs(lens_set, cfg)
     t_lens = (time.perf_counter() - t) / len(lens_set) if lens_rec is not None else None
-    print(f"(c) SAELens:         " + (f"{t_lens * 1e3:.1f} ms/run over {len(lens_set)} runs" if t_lens else
+    print("(c) SAELens:         " + (f"{t_lens * 1e3:.1f} ms/run over {len(lens_set)} runs" if t_lens else
                                       "not installed (optional peer), skipped"))
 
     by_key = {r.key: res["recovery"] for r, res in zip(runs, batched)}

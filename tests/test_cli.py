@@ -1,6 +1,5 @@
 """Every subcommand end to end with tiny settings, bad input, interruption, determinism and re-plotting."""
 import json
-import os
 import re
 import shutil
 import signal
@@ -163,7 +162,7 @@ def test_replot_reproduces_verdicts_without_training(study, tmp_path, monkeypatc
     monkeypatch.setattr(S, "_train_chunk", no_training)
     assert S.main(["plot", "all", "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    for name, verdict in recorded.items():
+    for verdict in recorded.values():
         assert re.search(rf"H\d verdict: {re.escape(verdict.upper())}\n", printed)
     assert len(re.findall(r"^\| H\d \(", (out / "summary.md").read_text(), re.M)) == 3
 

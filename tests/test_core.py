@@ -215,7 +215,7 @@ def test_gd_step_equals_hand_computed_gradient_step():
     r = run(penalty="huber", delta=0.05)
     trained = S.train_population([r], cfg)[0]["params"]
     _, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
-    idx = torch.randint(r.n, (S.STREAM_STEPS, cfg.batch_size), generator=S.generator(cfg.seed, "batches", r.key))[0]
+    idx = torch.randint(r.n, (S.STREAM_STEPS, cfg.batch_size), generator=S.batch_generator(r, cfg.seed))[0]
     leaves = [t.clone().requires_grad_(True) for t in S.init_population([r], cfg, "cpu").tensors()]
     S.objective(S.Population.from_parts(*leaves), x[idx][None], S.PenaltySpec.of([r], "cpu"),
                 weighted=True).sum().backward()
@@ -251,3 +251,14 @@ def test_checkpoint_steps_are_log_spaced_and_end_at_steps():
     steps = S.checkpoint_steps(3000, 10)
     assert steps[0] == 1 and steps[-1] == 3000 and len(steps) == 10
     assert all(b / a > 1.5 for a, b in zip(steps, steps[1:]))
+
+
+def test_runs_differing_only_in_penalty_are_paired_and_tiny_delta_huber_tracks_l1():
+    cfg = S.PhaseConfig(steps=60, n_eval=128)
+    l1, huber = run(), run(penalty="huber", delta=1e-7)
+    a, b = S.train_population([l1, huber], cfg)
+    first = S.init_population([l1, huber], cfg, "cpu")
+    assert torch.equal(first.flat[0], first.flat[1])  # the same initialisation
+    far = S.train_population([run(penalty="huber", delta=1.0)], cfg)[0]
+    gap = lambda u, v: max((x - y).abs().max().item() for x, y in zip(u["params"], v["params"]))
+    assert gap(a, b) < 1e-3 and gap(a, b) < gap(a, far) / 50

@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -118,10 +117,6 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few short runs (seconds)")
@@ -141,7 +136,7 @@ def main() -> None:
     t = time.perf_counter()
     batched = S.train_population(runs, cfg)
     t_batched = (time.perf_counter() - t) / len(runs)
-    rss_batched = peak_rss_mib()
+    rss_batched = S.peak_rss_mib()
     flops = sum(5 * 2 * cfg.batch_size * r.d * r.m for r in runs) * cfg.steps  # five matmuls per step
     gflops = flops / (t_batched * len(runs)) / 1e9
     print(f"(b) batched trainer: {t_batched * 1e3:.1f} ms/run over {len(runs)} runs, {gflops:.1f} GFLOP/s "

@@ -16,9 +16,9 @@ Each sweep writes into --out-dir (default images/): a PNG, a CSV with one row pe
 with the full config, package versions, the script's hash, the command line and the wall time. `--quick`
 runs a tiny version of any sweep in seconds.
 
-Measured with the defaults on a 2-core CPU (AMD EPYC, torch 2.13 CPU build, 2 threads; ranges over
-three runs): phase trains 240 SAEs in 13-23 s, huber 150 in 14-18 s, width 200 in 15-16 s; `all` takes
-50-60 s. Its verdicts
+Measured with the defaults on a 2-core CPU (AMD EPYC, torch 2.13 CPU build, 2 threads): phase trains
+240 SAEs in about 15 s, huber 150 in about 15 s, width 200 in about 16 s, and `all` takes about 50 s; the
+README gives the ranges over repeated runs and each JSON the time of its own run. Its verdicts
 (images/summary.md): H1 not supported - p <= 0.1 recovers from N = 500 and p = 0.2 improves with N, but
 p = 0.4 reaches 0.55 +- 0.20 at N = 5000 (5 seeds a cell). H2 supported only for the torch.nn.HuberLoss
 scaling; the Moreau-envelope Huber matches L1 at delta <= 3e-3 (10 seeds, Mann-Whitney, Holm). H3
@@ -170,8 +170,9 @@ class WidthConfig(Config):
     p: float = opt(0.1, "sparsity p")
     widths: tuple = opt((1, 2, 4, 8, 16), "hidden widths m as multiples of d", kind=int)
     k_grid: tuple = opt((20, 40), "numbers of true features K (tells m/d apart from m/K)", kind=int)
-    data_seeds: int = opt(2, "datasets per K; within each, only the initialisation seed varies")
-    seeds: int = opt(10, "initialisation seeds per (K, dataset, width)")
+    data_seeds: int = opt(2, "datasets per K; within each, only the seed (initialisation and minibatch "
+                             "order) varies")
+    seeds: int = opt(10, "seeds per (K, dataset, width)")
     checkpoints: int = opt(10, "log-spaced steps at which recovery and loss are recorded")
 
     QUICK: ClassVar[dict] = dict(Config.QUICK, seeds=3, data_seeds=1, widths=(1, 4), k_grid=(20,), checkpoints=4)
@@ -205,9 +206,10 @@ def validate(cfg: Config) -> None:
     for name in ("p_grid", "deltas", "n_grid", "widths", "k_grid"):
         if hasattr(cfg, name) and len(getattr(cfg, name)) == 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be empty")
-    for p in tuple(getattr(cfg, "p_grid", ())) + ((cfg.p,) if hasattr(cfg, "p") else ()):
-        if not 0 < p <= 1:
-            raise UsageError(f"sparsity p must lie in (0, 1], got {p}")
+    for name in ("p_grid", "p"):
+        for p in np.atleast_1d(getattr(cfg, name, ())):
+            if not 0 < p <= 1:
+                raise UsageError(f"--{name.replace('_', '-')}: sparsity must lie in (0, 1], got {p}")
     for delta in getattr(cfg, "deltas", ()):
         if not delta > 0:
             raise UsageError(f"--deltas must be > 0, got {delta}")
@@ -229,8 +231,7 @@ def check_out_dir(out: Path) -> None:
         raise UsageError(f"--out-dir {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-").close()  # deleted on close
     except OSError as e:
         raise UsageError(f"--out-dir {out} cannot be written: {e.strerror or e}") from None
 
@@ -395,13 +396,16 @@ def latent_weights(pop: Population, weighted: bool) -> torch.Tensor:
     return torch.ones_like(pop.b_enc).unsqueeze(1)
 
 
-def objective(pop: Population, x: torch.Tensor, pen: PenaltySpec, weighted: bool) -> torch.Tensor:
+def objective(pop: Population, x: torch.Tensor, pen: PenaltySpec, weighted: bool, z=None, x_hat=None):
     """Per-member loss (P,): mean over the batch of ||x - x_hat||^2 + lam * sum_j penalty(z_j) * weight_j.
 
-    Differentiable; the trainer uses the hand-written gradient of this function (`gradients`).
+    Differentiable; the trainer uses the hand-written gradient of this function (`gradients`). Pass the
+    activations z and reconstruction x_hat when they are already at hand.
     """
-    _, z = encode(pop, x)
-    recon = (decode(pop, z) - x).pow(2).sum(2)
+    if z is None:
+        z = encode(pop, x)[1]
+        x_hat = decode(pop, z)
+    recon = (x_hat - x).pow(2).sum(2)
     sparsity = (penalty(z, pen.delta, pen.scale) * latent_weights(pop, weighted)).sum(2)
     return (recon + pen.lam.view(-1, 1) * sparsity).mean(1)
 
@@ -629,7 +633,7 @@ def _scores(pop: Population, x_eval, truth, k_true, pen: PenaltySpec, weighted: 
         x_hat = decode(pop, z)
         cos = cosine_matrix(pop.w_dec.transpose(1, 2), truth)
         out = {"recovery": recovery_rate(cos, k_true, cfg.threshold).cpu(),
-               "objective": objective(pop, x_eval, pen, weighted).cpu()}
+               "objective": objective(pop, x_eval, pen, weighted, z, x_hat).cpu()}
         if not full:
             return out
         valid = torch.arange(truth.shape[1], device=truth.device) < k_true.unsqueeze(1)
@@ -645,7 +649,7 @@ def _scores(pop: Population, x_eval, truth, k_true, pen: PenaltySpec, weighted: 
         )
         cos_np = cos.cpu().numpy()
         ks = k_true.tolist()
-        out["mcc"] = torch.tensor([mcc(np.nan_to_num(c), k) if np.isfinite(c).all() else math.nan
+        out["mcc"] = torch.tensor([mcc(c, k) if np.isfinite(c).all() else math.nan
                                    for c, k in zip(cos_np, ks)])
         z_np = z.cpu().numpy()
         out["z_hist"] = [z_histogram(zi) if np.isfinite(zi).all() else None for zi in z_np.reshape(len(ks), -1)]
@@ -688,7 +692,8 @@ def run_sweep(name: str, cfg: Config, progress=None) -> dict:
     return tabulate(name, runs, results)
 
 
-def tabulate(name: str, runs: Sequence[Run], results: Sequence[dict]):
+def tabulate(name: str, runs: Sequence[Run], results: Sequence[dict]) -> dict:
+    """Tidy tables from the trainer's results: one row per run; failed runs keep their key, metrics NaN."""
     import pandas as pd
     rows, hists, traj = [], [], []
     for r, res in zip(runs, results):
@@ -734,7 +739,9 @@ def compare(a: Sequence[float], b: Sequence[float]) -> dict:
     """Two-sided Mann-Whitney U test of b against a, with mean difference (b - a) and rank-biserial effect.
 
     Mann-Whitney rather than Welch: recovery is bounded and discrete (multiples of 1/K) and L0 is skewed,
-    so a rank test makes no normality assumption. Identical samples give p = 1.
+    so a rank test makes no normality assumption. Runs compared across penalties share data, initialisation
+    and minibatches; an unpaired test ignores that pairing, which makes it conservative, not liberal.
+    Identical samples give p = 1.
     """
     from scipy.stats import mannwhitneyu
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -1374,11 +1381,15 @@ def _grid(kind):
     return parse
 
 
-def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_options(parser: argparse.ArgumentParser, cls: type, sweeps: Sequence[type] = ()) -> None:
+    """One option per field of `cls`; with `sweeps`, a default that differs between them is listed per sweep."""
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        own = {name: getattr(sweep(), f.name) for name, sweep in SWEEP_CONFIGS.items() if sweep in sweeps}
+        if len(set(own.values())) > 1:
+            shown = ", ".join(f"{name} {value}" for name, value in own.items())
         help_ = f"{meta['help']} (default: {shown})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=meta["help"])
@@ -1409,7 +1420,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_options(sub.add_parser(name, help=helps[name], description=helps[name]), cls)
     add_config_options(sub.add_parser("all", help="all three sweeps with their defaults, plus summary.md",
                                       description="Run phase, huber and width; options given apply to all three."),
-                       Config)
+                       Config, sweeps=tuple(SWEEP_CONFIGS.values()))
     plot = sub.add_parser("plot", help="redraw figures and verdicts from saved CSV/JSON, without training")
     plot.add_argument("sweep", choices=(*SWEEP_CONFIGS, "all"), help="which sweep's files to redraw")
     plot.add_argument("--out-dir", default="images", help="folder holding the saved files (default: images)")

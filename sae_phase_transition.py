@@ -123,6 +123,7 @@ class Config:
                             "project: re-project decoder rows to unit norm after each step",
                             choices=("weighted", "project"))
     init_decoder_norm: float = opt(0.1, "initial decoder-row norm in weighted mode (W_e = W_d^T at init)")
+    clip_grad: float = opt(0.0, "clip each run's gradient to this total norm before the update (0 = off)")
     # metrics
     threshold: float = opt(0.9, "|cos| above which a true feature counts as recovered")
     eps: float = opt(1e-3, "activations in (0, eps) count as near-zero")
@@ -215,7 +216,8 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"--deltas must be > 0, got {delta}")
     checks = [("lam", cfg.lam >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"), ("temperature", cfg.temperature >= 0, ">= 0"),
               ("threshold", 0 < cfg.threshold < 1, "in (0, 1)"), ("eps", cfg.eps > 0, "> 0"),
-              ("init_decoder_norm", cfg.init_decoder_norm > 0, "> 0"), ("max_memory", cfg.max_memory > 0, "> 0")]
+              ("init_decoder_norm", cfg.init_decoder_norm > 0, "> 0"), ("max_memory", cfg.max_memory > 0, "> 0"),
+              ("clip_grad", cfg.clip_grad >= 0, ">= 0")]
     if hasattr(cfg, "alpha"):
         checks.append(("alpha", 0 < cfg.alpha < 1, "in (0, 1)"))
     for name, ok, rule in checks:
@@ -545,6 +547,8 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
             step = start + t + 1
             grad = torch.cat([g.flatten(1) for g in
                               gradients(pop, flat_train.index_select(0, batches[t]).view(P, B, d), pen, weighted)], 1)
+            if cfg.clip_grad > 0:  # per run, as torch.nn.utils.clip_grad_norm_ does for one model
+                grad *= (cfg.clip_grad / (grad.norm(dim=1, keepdim=True) + 1e-6)).clamp_(max=1.0)
             if opt is not None:
                 opt.step(grad)
             else:

@@ -79,6 +79,8 @@ def per_run_loop(runs, cfg) -> list[float]:
         for idx in batches_of(r, cfg):
             opt.zero_grad(set_to_none=True)
             sae.loss(x[idx], r.lam).backward()
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
             opt.step()
         out.append(recovery_of(sae.w_dec.detach().T, w, cfg))
     return out
@@ -94,6 +96,7 @@ def saelens_runs(runs, cfg) -> list[float] | None:
     out = []
     for r in runs:
         w, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
+        torch.manual_seed(S.derive_seed(cfg.seed, "saelens", r.key))  # SAELens initialises from the global RNG
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=r.d, d_sae=r.m, l1_coefficient=r.lam,
                                                             decoder_init_norm=cfg.init_decoder_norm))
         trainer_cfg = SAETrainerConfig(

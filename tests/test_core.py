@@ -223,6 +223,15 @@ def test_gd_step_equals_hand_computed_gradient_step():
         assert torch.allclose(after, (t - cfg.lr * t.grad)[0].detach(), atol=1e-6)
 
 
+def test_gradient_clipping_bounds_each_runs_step():
+    cfg = S.PhaseConfig(steps=1, optimizer="gd", lr=0.1, n_eval=64, clip_grad=1e-3)
+    runs = [run(), run(seed=1, n=500)]
+    before = S.init_population(runs, cfg, "cpu").flat
+    after = torch.stack([torch.cat([t.flatten() for t in res["params"]]) for res in S.train_population(runs, cfg)])
+    step = (after - before).norm(dim=1)
+    assert torch.allclose(step, torch.full((2,), cfg.lr * cfg.clip_grad), rtol=1e-3)
+
+
 def test_langevin_noise_has_variance_2_eta_tau():
     base = S.PhaseConfig(steps=1, optimizer="gd", lr=0.01, n_eval=64, width=160)
     tau = 0.5

@@ -38,7 +38,8 @@ The training recipe (defaults, and why)
 - Adam (lr 3e-3), minibatches of 128 drawn with replacement from the member's own N samples, and a fixed
   number of optimisation steps (3000) whatever N is: the note's fix for its low-N instability, since a
   fixed number of epochs gives small-N runs almost no updates.
-- Theory mode: `--optimizer gd` is plain gradient descent (a discretised gradient flow) and
+- Theory mode: `--optimizer gd` is plain gradient descent (a discretised gradient flow; with
+  `--batch-size 0` every step uses all N samples, so it is gradient descent on the empirical risk) and
   `--temperature tau` adds Langevin noise sqrt(2 * lr * tau) * xi to every parameter after each step
   (mean-field Langevin dynamics).
 - Penalties: L1 is |z|. Huber_delta is the Moreau envelope of |z|: z^2/(2 delta) for |z| <= delta,
@@ -115,7 +116,8 @@ class Config:
     lam: float = opt(0.5, "sparsity penalty weight lambda")
     steps: int = opt(3000, "optimisation steps per run, the same for every N (the note's fix)")
     lr: float = opt(3e-3, "learning rate (Adam step size, or the gd step eta)")
-    batch_size: int = opt(128, "minibatch size, drawn with replacement from the run's own N samples")
+    batch_size: int = opt(128, "minibatch size, drawn with replacement from the run's own N samples; 0 = full "
+                          "batch (every step uses all N: gradient descent on the empirical risk)")
     optimizer: str = opt("adam", "optimiser: adam, or gd = plain gradient descent (discretised gradient flow)",
                          choices=("adam", "gd"))
     temperature: float = opt(0.0, "Langevin temperature tau: adds sqrt(2*lr*tau)*xi to the parameters each step")
@@ -196,8 +198,10 @@ def validate(cfg: Config) -> None:
         if not (isinstance(v, int) and v >= 1):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
 
-    for name in ("d", "n_eval", "width", "steps", "batch_size", "seeds"):
+    for name in ("d", "n_eval", "width", "steps", "seeds"):
         positive_int(name, getattr(cfg, name))
+    if not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 0):
+        raise UsageError(f"--batch-size must be a positive integer, or 0 for full batch, got {cfg.batch_size!r}")
     for name in ("k", "n", "data_seeds", "checkpoints"):
         if hasattr(cfg, name):
             positive_int(name, getattr(cfg, name))
@@ -478,17 +482,21 @@ def checkpoint_steps(steps: int, count: int) -> list[int]:
 def member_bytes(run_n: int, m: int, cfg: Config) -> int:
     """Rough peak memory of one population member during training and evaluation."""
     n_params = 2 * m * cfg.d + m + cfg.d
-    floats = (run_n + cfg.n_eval) * cfg.d + cfg.batch_size * (6 * m + 4 * cfg.d) + 4 * cfg.n_eval * m \
-        + 6 * n_params + STREAM_STEPS * cfg.batch_size * 2 + (NOISE_STEPS * n_params if cfg.temperature > 0 else 0)
+    batch = cfg.batch_size or run_n
+    floats = (run_n + cfg.n_eval) * cfg.d + batch * (6 * m + 4 * cfg.d) + 4 * cfg.n_eval * m \
+        + 6 * n_params + STREAM_STEPS * batch * 2 + (NOISE_STEPS * n_params if cfg.temperature > 0 else 0)
     return 4 * floats
 
 
 def plan_chunks(runs: Sequence[Run], cfg: Config) -> list[list[int]]:
-    """Group run indices by width (one tensor shape), then cut each group to the memory budget."""
+    """Group run indices by width (one tensor shape), and by N too in full-batch mode (one batch size), then
+    cut each group to the memory budget."""
     budget = cfg.max_memory * 2**20
+    shape = (lambda r: (r.m, r.n)) if cfg.batch_size == 0 else (lambda r: (r.m,))
     chunks = []
-    for m in sorted({r.m for r in runs}):
-        group = sorted((i for i, r in enumerate(runs) if r.m == m), key=lambda i: runs[i].n)
+    for key in sorted({shape(r) for r in runs}):
+        group = sorted((i for i, r in enumerate(runs) if shape(r) == key), key=lambda i: runs[i].n)
+        m = key[0]
         chunk: list[int] = []
         for i in group:
             n_max = max([runs[j].n for j in chunk] + [runs[i].n])
@@ -516,7 +524,8 @@ def train_population(runs: Sequence[Run], cfg: Config, progress=None, checkpoint
 
 
 def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints) -> list[dict]:
-    P, d, B = len(runs), runs[0].d, cfg.batch_size
+    full_batch = cfg.batch_size == 0  # then every run of the chunk has the same N (plan_chunks)
+    P, d, B = len(runs), runs[0].d, cfg.batch_size or runs[0].n
     weighted = cfg.decoder_norm == "weighted"
     data = [run_data(r, cfg.seed, cfg.n_eval) for r in runs]
     n_max, k_max = max(r.n for r in runs), max(r.k for r in runs)
@@ -541,12 +550,13 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
 
     for start in range(0, cfg.steps, STREAM_STEPS):
         span = min(STREAM_STEPS, cfg.steps - start)
-        batches = torch.stack([torch.randint(r.n, (span, B), generator=g) for r, g in zip(runs, batch_gens)], 1)
-        batches = (batches.to(device) + offsets).view(span, P * B)
+        if not full_batch:
+            batches = torch.stack([torch.randint(r.n, (span, B), generator=g) for r, g in zip(runs, batch_gens)], 1)
+            batches = (batches.to(device) + offsets).view(span, P * B)
         for t in range(span):
             step = start + t + 1
-            grad = torch.cat([g.flatten(1) for g in
-                              gradients(pop, flat_train.index_select(0, batches[t]).view(P, B, d), pen, weighted)], 1)
+            x = x_train if full_batch else flat_train.index_select(0, batches[t]).view(P, B, d)
+            grad = torch.cat([g.flatten(1) for g in gradients(pop, x, pen, weighted)], 1)
             if cfg.clip_grad > 0:  # per run, as torch.nn.utils.clip_grad_norm_ does for one model
                 grad *= (cfg.clip_grad / (grad.norm(dim=1, keepdim=True) + 1e-6)).clamp_(max=1.0)
             if opt is not None:

@@ -79,7 +79,7 @@ BAD_INPUTS = [
     ["phase", "--p-grid", "0,0.1"], ["phase", "--p-grid", "1.5"], ["huber", "--p", "0"], ["width", "--p=-0.1"],
     ["phase", "--n-grid", "0,100"], ["phase", "--n-grid", "1.5"], ["huber", "--n", "0"], ["width", "--widths", "0,2"],
     ["phase", "--width", "0"], ["phase", "--d", "0"], ["phase", "--k", "0"], ["width", "--k-grid", "0"],
-    ["phase", "--steps", "0"], ["phase", "--seeds", "0"], ["phase", "--batch-size", "0"],
+    ["phase", "--steps", "0"], ["phase", "--seeds", "0"], ["phase", "--batch-size=-1"],
     ["huber", "--deltas", "0"], ["huber", "--deltas=-0.1,0.1"], ["phase", "--lam=-1"], ["phase", "--lr", "0"],
     ["phase", "--lr=-0.1"], ["phase", "--n-grid", ""], ["phase", "--p-grid", "a,b"], ["phase", "--n-grid", ","],
     ["phase", "--threshold", "1"], ["phase", "--threshold", "0"], ["width", "--temperature=-1"],

@@ -232,6 +232,23 @@ def test_gradient_clipping_bounds_each_runs_step():
     assert torch.allclose(step, torch.full((2,), cfg.lr * cfg.clip_grad), rtol=1e-3)
 
 
+def test_full_batch_gd_is_gradient_descent_on_the_empirical_risk():
+    cfg = S.PhaseConfig(steps=3, optimizer="gd", lr=0.05, n_eval=64, batch_size=0)
+    runs = [run(n=150), run(n=150, p=0.3, seed=1), run(n=400, seed=2)]  # two chunks: full batch groups by N
+    assert sorted(map(len, S.plan_chunks(runs, cfg))) == [1, 2]
+    trained = S.train_population(runs, cfg)
+    for r, res in zip(runs, trained):
+        _, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
+        leaves = [t.clone() for t in S.init_population([r], cfg, "cpu").tensors()]
+        for _ in range(cfg.steps):
+            leaves = [t.detach().requires_grad_(True) for t in leaves]
+            S.objective(S.Population.from_parts(*leaves), x[None], S.PenaltySpec.of([r], "cpu"),
+                        weighted=True).sum().backward()
+            leaves = [t - cfg.lr * t.grad for t in leaves]
+        for expected, got in zip(leaves, res["params"]):
+            assert torch.allclose(expected[0].detach(), got, atol=1e-5)
+
+
 def test_langevin_noise_has_variance_2_eta_tau():
     base = S.PhaseConfig(steps=1, optimizer="gd", lr=0.01, n_eval=64, width=160)
     tau = 0.5

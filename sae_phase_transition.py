@@ -843,11 +843,14 @@ def analyse_phase(tables: dict, cfg: PhaseConfig) -> dict:
     p_star = {"signed": cs_threshold(delta, 2) * delta, "nonneg": cs_threshold(delta, 1) * delta}
     n_top = max(cfg.n_grid)
     top = cells[cells.n == n_top].sort_values("p")
-    p_half = _crossing(top.p.to_numpy(), top["mean"].to_numpy(), 0.5)
-    parts.append(f"at N={n_top} recovery crosses 0.5 at p = {p_half:.3f}; compressed-sensing l1 thresholds "
-                 f"p* = {p_star['signed']:.3f} (signed), {p_star['nonneg']:.3f} (non-negative)")
+    p_90, p_half, p_10 = (_crossing(top.p.to_numpy(), top["mean"].to_numpy(), level) for level in (0.9, 0.5, 0.1))
+    at = lambda level, p: f"{level} at p = {p:.3f}" if np.isfinite(p) else f"{level} not by p = {max(cfg.p_grid):g}"
+    # a sharp transition goes from 0.9 to 0.1 over a narrow range of p
+    parts.append(f"at N={n_top} recovery falls through {at(0.9, p_90)}, {at(0.5, p_half)}, {at(0.1, p_10)}; "
+                 f"compressed-sensing l1 thresholds p* = {p_star['signed']:.3f} (signed), "
+                 f"{p_star['nonneg']:.3f} (non-negative)")
     verdict = ("inconclusive" if len(holds) < 3 else "supported" if all(holds) else "not supported")
-    return dict(hypothesis="H1", verdict=verdict, cells=cells, p_star=p_star, p_half=p_half,
+    return dict(hypothesis="H1", verdict=verdict, cells=cells, p_star=p_star, p_half=p_half, p_90=p_90, p_10=p_10,
                 claim="recovery switches sharply over N x p: p <= 0.1 recovers almost perfectly from N = 500, "
                       "p ~ 0.2 climbs from ~0.3 to ~0.6 with N, p >= 0.4 fails",
                 measured="; ".join(parts) + _fmt_failures(df) + f"; {cfg.seeds} seeds per cell",
@@ -975,6 +978,7 @@ def _curve_gap(xs: dict, ys: dict) -> float:
 
 def _convergence(traj, ok) -> dict:
     """Relative change of the held-out objective over the last half of training, per width."""
+    import pandas as pd
     if traj is None or len(traj) == 0:
         return dict(text="no trajectories recorded", table=None)
     t = traj.merge(ok[["key", "m", "k"]], on="key")
@@ -985,17 +989,12 @@ def _convergence(traj, ok) -> dict:
     piv = t[t.step.isin([half, last])].groupby(["k", "m", "step"])[["objective", "recovery"]].mean().unstack("step")
     rel = (piv[("objective", half)] - piv[("objective", last)]) / piv[("objective", last)].abs()
     drec = piv[("recovery", last)] - piv[("recovery", half)]
-    table = pd_frame(dict(rel_objective_drop=rel, recovery_gain=drec))
+    table = pd.DataFrame(dict(rel_objective_drop=rel, recovery_gain=drec))
     widest = table.reset_index().sort_values("m").groupby("k").tail(1)
     text = f"convergence at the widest m, change from step {int(half)} to {int(last)}: " + ", ".join(
         f"K={int(r.k)}: held-out objective {-100 * r.rel_objective_drop:+.1f}%, recovery {r.recovery_gain:+.3f}"
         for r in widest.itertuples())
     return dict(text=text, table=table, half=int(half), last=int(last))
-
-
-def pd_frame(columns: dict):
-    import pandas as pd
-    return pd.DataFrame(columns)
 
 
 ANALYSES = {"phase": analyse_phase, "huber": analyse_huber, "width": analyse_width}
@@ -1305,7 +1304,8 @@ def sweep_files(name: str, cfg: Config, tables: dict, res: dict, meta: dict | No
             files[path] = tables[key].to_csv(index=False, float_format=CSV_FLOAT).encode()
         record = dict(meta, verdict={k: res[k] for k in ("hypothesis", "verdict", "claim", "measured", "test")},
                       results={k: v for k, v in res.items() if k in ("stats", "fits", "saturation", "collapse",
-                                                                      "degraded", "p_star", "p_half", "verdicts")})
+                                                                      "degraded", "p_star", "p_90", "p_half", "p_10",
+                                                                      "verdicts")})
         files[out / f"{FIGURES[name]}.json"] = json.dumps(_jsonable(record), indent=1).encode()
     return files
 

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sae_phase_transition as S  # noqa: E402
-from bench_trainer import recovery_of, saelens_runs  # noqa: E402
+from bench_trainer import recoveries, saelens_runs  # noqa: E402
 
 CELLS = ((0.1, 1000), (0.2, 1000), (0.3, 3000))
 
@@ -44,17 +44,16 @@ def sparse_coding_runs(runs, cfg, max_iter: int) -> list[float] | None:
         from sklearn.exceptions import ConvergenceWarning
     except ImportError:
         return None
-    out = []
-    for r in runs:
-        w, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
+
+    def learn(r, x):
         model = DictionaryLearning(n_components=r.m, alpha=r.lam / 2, positive_code=True, fit_algorithm="cd",
                                    transform_algorithm="lasso_cd", max_iter=max_iter,
                                    random_state=S.derive_seed(cfg.seed, "sklearn", r.key) % 2**32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # inner lasso solves stop at their tolerance
             model.fit(x.double().numpy())
-        out.append(recovery_of(torch.tensor(model.components_, dtype=torch.float32), w, cfg))
-    return out
+        return torch.tensor(model.components_, dtype=torch.float32)
+    return recoveries(runs, cfg, learn)
 
 
 def paired_p(a: np.ndarray, b: np.ndarray) -> float:

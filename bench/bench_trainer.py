@@ -70,10 +70,17 @@ def recovery_of(w_dec_rows: torch.Tensor, truth_cols: torch.Tensor, cfg: S.Confi
     return float(S.recovery_rate(cos, torch.tensor([truth_cols.shape[1]]), cfg.threshold))
 
 
-def per_run_loop(runs, cfg) -> list[float]:
+def recoveries(runs, cfg, learn_dictionary) -> list[float]:
+    """Recovery rate of each run, for a method given as learn_dictionary(run, x) -> (m, d) dictionary rows."""
     out = []
     for r in runs:
         w, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
+        out.append(recovery_of(learn_dictionary(r, x), w, cfg))
+    return out
+
+
+def per_run_loop(runs, cfg) -> list[float]:
+    def learn(r, x):
         sae = LoopSAE(r, cfg)
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
         for idx in batches_of(r, cfg):
@@ -82,8 +89,8 @@ def per_run_loop(runs, cfg) -> list[float]:
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
             opt.step()
-        out.append(recovery_of(sae.w_dec.detach().T, w, cfg))
-    return out
+        return sae.w_dec.detach().T
+    return recoveries(runs, cfg, learn)
 
 
 def saelens_runs(runs, cfg) -> list[float] | None:
@@ -93,9 +100,8 @@ def saelens_runs(runs, cfg) -> list[float] | None:
         from sae_lens.training.sae_trainer import SAETrainer
     except ImportError:
         return None
-    out = []
-    for r in runs:
-        w, x, _ = S.run_data(r, cfg.seed, cfg.n_eval)
+
+    def learn(r, x):
         torch.manual_seed(S.derive_seed(cfg.seed, "saelens", r.key))  # SAELens initialises from the global RNG
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=r.d, d_sae=r.m, l1_coefficient=r.lam,
                                                             decoder_init_norm=cfg.init_decoder_norm))
@@ -107,8 +113,8 @@ def saelens_runs(runs, cfg) -> list[float] | None:
                              save_checkpoint_fn=lambda *a, **k: None)
         with contextlib.redirect_stderr(io.StringIO()):  # SAELens's own progress bar, one per run
             trainer.fit()
-        out.append(recovery_of(sae.W_dec.detach(), w, cfg))
-    return out
+        return sae.W_dec.detach()
+    return recoveries(runs, cfg, learn)
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:

@@ -508,7 +508,8 @@ def plan_chunks(runs: Sequence[Run], cfg: Config) -> list[list[int]]:
     return chunks
 
 
-def train_population(runs: Sequence[Run], cfg: Config, progress=None, checkpoints: Sequence[int] = ()) -> list[dict]:
+def train_population(runs: Sequence[Run], cfg: Config, progress=None, checkpoints: Sequence[int] = (),
+                     histograms: bool = False) -> list[dict]:
     """Train every run and return one dict of metrics per run, in the order given.
 
     Runs are trained as batched tensors, in chunks of equal width that fit --max-memory. A run's numbers
@@ -518,12 +519,13 @@ def train_population(runs: Sequence[Run], cfg: Config, progress=None, checkpoint
     device = resolve_device(cfg.device)
     results: list[dict] = [{} for _ in runs]
     for chunk in plan_chunks(runs, cfg):
-        for i, res in zip(chunk, _train_chunk([runs[i] for i in chunk], cfg, device, progress, checkpoints)):
+        trained = _train_chunk([runs[i] for i in chunk], cfg, device, progress, checkpoints, histograms)
+        for i, res in zip(chunk, trained):
             results[i] = res
     return results
 
 
-def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints) -> list[dict]:
+def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints, histograms) -> list[dict]:
     full_batch = cfg.batch_size == 0  # then every run of the chunk has the same N (plan_chunks)
     P, d, B = len(runs), runs[0].d, cfg.batch_size or runs[0].n
     weighted = cfg.decoder_norm == "weighted"
@@ -577,11 +579,11 @@ def _train_chunk(runs: Sequence[Run], cfg: Config, device, progress, checkpoints
             if progress is not None and (step % CHECK_EVERY == 0 or step == cfg.steps):
                 progress.update(P * (step - reported))
                 reported = step
-    final = _scores(pop, x_eval, truth, k_true, pen, weighted, cfg, full=True)
+    final = _scores(pop, x_eval, truth, k_true, pen, weighted, cfg, full=True, histograms=histograms)
     results = []
     for i in range(P):
         res = {name: float(v[i]) for name, v in final.items() if name != "z_hist"}
-        res["z_hist"] = final["z_hist"][i]
+        res["z_hist"] = final["z_hist"][i] if histograms else None
         res["trajectory"] = [(s, {name: float(v[i]) for name, v in sc.items()}) for s, sc in trajectory]
         res["failed_step"] = failed_at[i]
         res["params"] = [t[i].cpu() for t in pop.tensors()]  # final (w_enc, b_enc, w_dec, b_dec)
@@ -640,8 +642,9 @@ def mcc(cos: np.ndarray, k: int) -> float:
 
 
 def _scores(pop: Population, x_eval, truth, k_true, pen: PenaltySpec, weighted: bool, cfg: Config,
-            full: bool) -> dict:
-    """Metrics of every member on its held-out set; `full` adds the costly ones (MCC, histograms)."""
+            full: bool, histograms: bool = False) -> dict:
+    """Metrics of every member on its held-out set; `full` adds the costly ones (MCC, and with `histograms`
+    the activation histograms)."""
     with torch.no_grad():
         _, z = encode(pop, x_eval)
         x_hat = decode(pop, z)
@@ -665,8 +668,9 @@ def _scores(pop: Population, x_eval, truth, k_true, pen: PenaltySpec, weighted: 
         ks = k_true.tolist()
         out["mcc"] = torch.tensor([mcc(c, k) if np.isfinite(c).all() else math.nan
                                    for c, k in zip(cos_np, ks)])
-        z_np = z.cpu().numpy()
-        out["z_hist"] = [z_histogram(zi) if np.isfinite(zi).all() else None for zi in z_np.reshape(len(ks), -1)]
+        if histograms:
+            z_np = z.cpu().numpy().reshape(len(ks), -1)
+            out["z_hist"] = [z_histogram(zi) if np.isfinite(zi).all() else None for zi in z_np]
         return out
 
 
@@ -702,7 +706,7 @@ def run_sweep(name: str, cfg: Config, progress=None) -> dict:
     """Train a sweep's runs and return its tables: 'runs' (one row per run) and, where used, 'z_hist', 'trajectory'."""
     runs = BUILD_RUNS[name](cfg)
     checkpoints = checkpoint_steps(cfg.steps, cfg.checkpoints) if name == "width" else ()
-    results = train_population(runs, cfg, progress, checkpoints)
+    results = train_population(runs, cfg, progress, checkpoints, histograms=name == "huber")
     return tabulate(name, runs, results)
 
 
